@@ -1,0 +1,1 @@
+"""Glue between hf_eff's methods and the Hugging Face libraries they plug into."""
