@@ -124,3 +124,8 @@ def tiny_model(request) -> TinyModel:
 @pytest.fixture
 def tiny_llama() -> TinyModel:
     return TINY_MODELS["llama"]
+
+
+@pytest.fixture
+def tiny_gpt2() -> TinyModel:
+    return TINY_MODELS["gpt2"]

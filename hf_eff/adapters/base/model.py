@@ -9,7 +9,9 @@ import torch
 from peft.tuners.tuners_utils import (
     BaseTuner,
     BaseTunerLayer,
+    _filter_state_dict_by_key_prefixes,
     _get_in_out_features,
+    _get_tuner_state_dict_key_prefixes,
     _maybe_include_all_linear_layers,
 )
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_quantization_kwargs
@@ -113,19 +115,40 @@ class LowRankTuner(BaseTuner):
         cls, model: nn.Module, config: LowRankConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        expected = model.state_dict()
-        mismatched = [
-            f"{key}: checkpoint {tuple(value.shape)}, model {tuple(expected[key].shape)}"
-            for key, value in remapped.items()
-            if key in expected and expected[key].shape != value.shape
-        ]
-        if mismatched:
-            _roll_back_adapter(model, adapter_name)
-            raise ValueError(
-                f"The {config.peft_type.value} adapter '{adapter_name}' was trained on a base model with other "
-                "layer shapes than this one; the model is left as it was. Mismatches:\n  " + "\n  ".join(mismatched)
+        problems = checkpoint_mismatches(model, adapter_name, remapped, cls.prefix)
+        if problems:
+            raise_load_error(
+                model,
+                adapter_name,
+                f"The {config.peft_type.value} adapter '{adapter_name}' does not fit this base model (it was trained "
+                "on one with other layers or layer shapes)",
+                problems,
             )
         return remapped
+
+
+def checkpoint_mismatches(
+    model: nn.Module, adapter_name: str, remapped: dict[str, torch.Tensor], prefix: str
+) -> list[str]:
+    """Adapter entries whose shape differs, that the checkpoint lacks, or that this model has no place for."""
+    model_state = model.state_dict()
+    adapter_keys = _filter_state_dict_by_key_prefixes(model_state, _get_tuner_state_dict_key_prefixes(model, adapter_name))
+    problems = []
+    for key, value in remapped.items():
+        if key in model_state:
+            if model_state[key].shape != value.shape:
+                problems.append(f"{key}: checkpoint {tuple(value.shape)}, model {tuple(model_state[key].shape)}")
+        elif prefix in key:
+            problems.append(f"{key}: in the checkpoint, not in this model")
+    problems.extend(f"{key}: in this model, not in the checkpoint" for key in sorted(adapter_keys.keys() - remapped))
+    return problems
+
+
+def raise_load_error(model: nn.Module, adapter_name: str, reason: str, problems: list[str]) -> None:
+    """Removes the adapter that could not be loaded, then raises ValueError listing (the first) problems."""
+    _roll_back_adapter(model, adapter_name)
+    shown = "\n  ".join(problems[:8]) + (f"\n  … and {len(problems) - 8} more" if len(problems) > 8 else "")
+    raise ValueError(f"{reason}; the model is left as it was. Mismatches:\n  {shown}")
 
 
 def _roll_back_adapter(model: nn.Module, adapter_name: str) -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..base import LowRankTuner
-from ..base.model import _roll_back_adapter
+from ..base.model import raise_load_error
 from .config import LoraXSConfig
 from .layer import LoraXSLinear
 from .svd import fingerprints_match
@@ -44,41 +44,60 @@ class LoraXSModel(LowRankTuner):
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: LoraXSConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        state_dict = dict(state_dict)
         saved = {}
         for name, layer in _layers_with_adapter(model, adapter_name):
             # Checkpoints always carry PeftModel's key prefix; a model with directly injected layers does not.
             key = name if name.startswith(_PEFT_MODEL_PREFIX) else _PEFT_MODEL_PREFIX + name
             saved[name] = (layer, {kind: state_dict.pop(f"{key}.loraxs_{kind}", None) for kind in _SAVED_KINDS})
+        # Factors of layers this model lacks stay in state_dict, so the base check reports them.
+        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
-        mismatched = [
+        if config.save_factors:
+            problems = [
+                problem
+                for name, (layer, entries) in saved.items()
+                for problem in _factor_problems(name, layer, adapter_name, entries)
+            ]
+            if problems:
+                reason = f"LoRA-XS adapter '{adapter_name}' does not fit this base model"
+                raise_load_error(model, adapter_name, reason, problems)
+        changed = [
             name
             for name, (layer, entries) in saved.items()
             if entries["fingerprint"] is None
             or not fingerprints_match(entries["fingerprint"], layer.loraxs_fingerprint[adapter_name])
         ]
-        if mismatched and not config.save_factors:
-            _roll_back_adapter(model, adapter_name)
-            raise ValueError(
+        if changed and not config.save_factors:
+            raise_load_error(
+                model,
+                adapter_name,
                 f"LoRA-XS adapter '{adapter_name}' was saved without its SVD factors (save_factors=False), so they "
-                f"must be recomputed from the base model, but the base weights of {len(mismatched)} module(s) differ "
-                f"from the ones it was trained on (first: '{mismatched[0]}'). Load it onto the same base model it "
-                "was trained with; the model is left as it was."
+                f"must be recomputed from the base model, but the base weights of {len(changed)} module(s) differ "
+                "from the ones it was trained on. Load it onto the same base model it was trained with",
+                [f"{name}: base weight differs" for name in changed],
             )
-        if mismatched:
+        if changed:
             warnings.warn(
-                f"LoRA-XS adapter '{adapter_name}': the base weights of {len(mismatched)} module(s) differ from the "
-                f"training base (first: '{mismatched[0]}'); the adapter's saved factors are applied unchanged.",
+                f"LoRA-XS adapter '{adapter_name}': the base weights of {len(changed)} module(s) differ from the "
+                f"training base (first: '{changed[0]}'); the adapter's saved factors are applied unchanged.",
                 stacklevel=2,
             )
         if config.save_factors:
-            missing = [name for name, (_, entries) in saved.items() if entries["A"] is None or entries["B"] is None]
-            if missing:
-                _roll_back_adapter(model, adapter_name)
-                raise ValueError(
-                    f"LoRA-XS adapter '{adapter_name}' has save_factors=True but its checkpoint lacks the factors of "
-                    f"{len(missing)} module(s) (first: '{missing[0]}'); the model is left as it was."
-                )
             for layer, entries in saved.values():
                 layer.set_factors(adapter_name, entries["A"], entries["B"])
         return state_dict
+
+
+def _factor_problems(
+    name: str, layer: LoraXSLinear, adapter_name: str, entries: dict[str, torch.Tensor | None]
+) -> list[str]:
+    """Saved factors that are absent or shaped for another layer."""
+    problems = []
+    for kind, factors in (("A", layer.loraxs_A), ("B", layer.loraxs_B)):
+        saved, expected = entries[kind], tuple(factors[adapter_name].shape)
+        if saved is None:
+            problems.append(f"{name}.loraxs_{kind}: in this model, not in the checkpoint")
+        elif tuple(saved.shape) != expected:
+            problems.append(f"{name}.loraxs_{kind}: checkpoint {tuple(saved.shape)}, model {expected}")
+    return problems
