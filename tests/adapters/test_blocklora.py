@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 
 from hf_eff import BlockLoraConfig
+
+from .cases import lora_with_the_same_update
 
 
 def first_layer(model):
@@ -45,12 +47,6 @@ def test_one_block_equals_plain_lora(tiny_llama):
     block = get_peft_model(
         tiny_llama.model(), BlockLoraConfig(r=4, num_blocks=1, target_modules=["q_proj"], init_weights=False)
     )
-    lora = get_peft_model(tiny_llama.model(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
-    with torch.no_grad():
-        for name, module in lora.named_modules():
-            if hasattr(module, "lora_A") and "default" in module.lora_A:
-                source = block.get_submodule(name)
-                module.lora_A["default"].weight.copy_(source.blocklora_A["default"])
-                module.lora_B["default"].weight.copy_(source.blocklora_B["default"])
+    lora = lora_with_the_same_update(block, tiny_llama.model(), ["q_proj"])
     inputs = tiny_llama.inputs()
     torch.testing.assert_close(tiny_llama.output(block, inputs), tiny_llama.output(lora, inputs), rtol=1e-5, atol=1e-6)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from hf_eff import ShareLoraConfig
+
+from .cases import lora_with_the_same_update
 
 
 def layers_of(model, suffix):
@@ -52,13 +54,7 @@ def test_equals_lora_with_the_shared_factor_copied_into_every_layer(tiny_llama):
     """Forward equal, and the shared A's gradient is the sum of the per-layer A gradients of plain LoRA."""
     targets = ["q_proj", "v_proj"]
     shared = get_peft_model(tiny_llama.model(), ShareLoraConfig(r=4, target_modules=targets, init_weights=False))
-    lora = get_peft_model(tiny_llama.model(), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    with torch.no_grad():
-        for name, module in lora.named_modules():
-            if hasattr(module, "lora_A") and "default" in module.lora_A:
-                source = shared.get_submodule(name)
-                module.lora_A["default"].weight.copy_(source.factor("A", "default"))
-                module.lora_B["default"].weight.copy_(source.factor("B", "default"))
+    lora = lora_with_the_same_update(shared, tiny_llama.model(), targets)
     inputs = tiny_llama.inputs()
     out_shared, out_lora = tiny_llama.output(shared, inputs), tiny_llama.output(lora, inputs)
     torch.testing.assert_close(out_shared, out_lora, rtol=1e-5, atol=1e-6)

@@ -28,7 +28,7 @@ class LowRankLinear(nn.Module, BaseTunerLayer):
     """Wraps an `nn.Linear`, a transformers `Conv1D` or a quantized linear with low-rank adapters.
 
     A method subclass defines its parameters (`create_adapter`), the unscaled update of an input (`adapter_output`)
-    and the unscaled ΔW in (out, in) layout (`delta_matrix`); scaling, dropout, dtype handling, merging and the
+    and the factors of the unscaled ΔW = up·down (`update_factors`); scaling, dropout, dtype handling, merging and the
     adapter bookkeeping live here.
     """
 
@@ -82,8 +82,8 @@ class LowRankLinear(nn.Module, BaseTunerLayer):
         """Unscaled ΔW·x for an input already dropped-out and cast to the adapter's dtype."""
         raise NotImplementedError
 
-    def delta_matrix(self, adapter_name: str) -> torch.Tensor:
-        """Unscaled ΔW in (out_features, in_features) layout."""
+    def update_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up, down) with unscaled ΔW = up·down: up is (out_features × r), down is (r × in_features)."""
         raise NotImplementedError
 
     def adapter_dtype(self, adapter_name: str) -> torch.dtype:
@@ -100,6 +100,11 @@ class LowRankLinear(nn.Module, BaseTunerLayer):
         self.create_adapter(adapter_name, config, **kwargs)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def delta_matrix(self, adapter_name: str) -> torch.Tensor:
+        """Unscaled ΔW in (out_features, in_features) layout, in float32."""
+        up, down = self.update_factors(adapter_name)
+        return up.float() @ down.float()
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Scaled ΔW in the base weight's layout ((in, out) for Conv1D), in float32."""

@@ -47,6 +47,7 @@ class BlockLoraLinear(LowRankLinear):
         chunk_sum = x.unflatten(-1, (self.num_blocks[adapter_name], -1)).sum(dim=-2)
         return F.linear(F.linear(chunk_sum, self.blocklora_A[adapter_name]), self.blocklora_B[adapter_name])
 
-    def delta_matrix(self, adapter_name: str) -> torch.Tensor:
-        shared_block = self.blocklora_A[adapter_name].float()
-        return self.blocklora_B[adapter_name].float() @ shared_block.repeat(1, self.num_blocks[adapter_name])
+    def update_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        # the explicit A = [A_s, …, A_s]; only merging needs it, the forward never builds it
+        shared_block = self.blocklora_A[adapter_name]
+        return self.blocklora_B[adapter_name], shared_block.repeat(1, self.num_blocks[adapter_name])

@@ -61,9 +61,6 @@ class LoraXSLinear(LowRankLinear):
         down = F.linear(x, self.loraxs_A[adapter_name].to(dtype))
         return F.linear(F.linear(down, self.loraxs_R[adapter_name]), self.loraxs_B[adapter_name].to(dtype))
 
-    def delta_matrix(self, adapter_name: str) -> torch.Tensor:
-        return (
-            self.loraxs_B[adapter_name].float()
-            @ self.loraxs_R[adapter_name].float()
-            @ self.loraxs_A[adapter_name].float()
-        )
+    def update_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        trained = self.loraxs_R[adapter_name]
+        return self.loraxs_B[adapter_name], trained @ self.loraxs_A[adapter_name].to(trained.dtype)

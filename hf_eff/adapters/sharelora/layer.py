@@ -64,5 +64,5 @@ class ShareLoraLinear(LowRankLinear):
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         return F.linear(F.linear(x, self.factor("A", adapter_name)), self.factor("B", adapter_name))
 
-    def delta_matrix(self, adapter_name: str) -> torch.Tensor:
-        return self.factor("B", adapter_name).float() @ self.factor("A", adapter_name).float()
+    def update_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.factor("B", adapter_name), self.factor("A", adapter_name)
