@@ -3,32 +3,37 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+
+from hf_eff.adapters import (
+    BlockLoraConfig,
+    BlockLoraModel,
+    LoraXSConfig,
+    LoraXSModel,
+    ShareLoraConfig,
+    ShareLoraModel,
+)
+from hf_eff.integrations.peft import register_peft_methods
 
 __version__ = "0.1.0"
 
-# Public name -> module that defines it. Resolved on first access (PEP 562) so that optional extras are imported
-# only by the users who need them.
-_LAZY_ATTRIBUTES = {
-    "ShareLoraConfig": "hf_eff.adapters",
-    "ShareLoraModel": "hf_eff.adapters",
-    "LoraXSConfig": "hf_eff.adapters",
-    "LoraXSModel": "hf_eff.adapters",
-    "BlockLoraConfig": "hf_eff.adapters",
-    "BlockLoraModel": "hf_eff.adapters",
-}
+# PEFT finds a saved adapter's config class only through its registry, so the methods are registered at import
+# (`PeftModel.from_pretrained` then works after a plain `import hf_eff`).
+register_peft_methods()
 
-__all__ = ["__version__", *_LAZY_ATTRIBUTES]
+# Public names backed by optional extras (TRL, diffusers, triton) map to their module here and are imported on first
+# access (PEP 562), so `import hf_eff` needs only torch, transformers, peft and accelerate.
+_LAZY_ATTRIBUTES: dict[str, str] = {}
 
-if TYPE_CHECKING:
-    from hf_eff.adapters import (
-        BlockLoraConfig,
-        BlockLoraModel,
-        LoraXSConfig,
-        LoraXSModel,
-        ShareLoraConfig,
-        ShareLoraModel,
-    )
+__all__ = [
+    "BlockLoraConfig",
+    "BlockLoraModel",
+    "LoraXSConfig",
+    "LoraXSModel",
+    "ShareLoraConfig",
+    "ShareLoraModel",
+    "__version__",
+    *_LAZY_ATTRIBUTES,
+]
 
 
 def __getattr__(name: str):
@@ -42,10 +47,3 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(__all__)
-
-
-# PEFT finds a saved adapter's config class only through its registry, so the methods are registered at import
-# (`PeftModel.from_pretrained` then works after a plain `import hf_eff`).
-from hf_eff.integrations.peft import register_peft_methods  # noqa: E402
-
-register_peft_methods()

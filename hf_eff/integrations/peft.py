@@ -31,4 +31,6 @@ def register_peft_methods() -> None:
         peft_type = _add_peft_type(method.name.upper())
         if PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is method.model_cls:
             continue
-        register_peft_method(name=method.name, config_cls=method.config_cls, model_cls=method.model_cls, prefix=method.prefix)
+        register_peft_method(
+            name=method.name, config_cls=method.config_cls, model_cls=method.model_cls, prefix=method.prefix
+        )

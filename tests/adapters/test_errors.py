@@ -88,6 +88,9 @@ def test_adapter_loaded_onto_a_mismatching_base_model(tiny_llama, case, tmp_path
     config.hidden_size, config.intermediate_size = 48, 96
     other = transformers.LlamaForCausalLM(config).eval()
     before = snapshot(other)
-    with pytest.raises(ValueError, match=r"(does not fit this base model|differ from the ones it was trained on).*the model is left as it was"):
+    with pytest.raises(
+        ValueError,
+        match=r"(does not fit this base model|differ from the ones it was trained on).*the model is left as it was",
+    ):
         PeftModel.from_pretrained(other, tmp_path)
     assert_untouched(other, before)

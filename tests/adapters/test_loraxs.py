@@ -93,7 +93,9 @@ def test_recompute_mode_accepts_the_same_base_in_bf16(tiny_llama, tmp_path):
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_llama.model().to(torch.bfloat16), tmp_path)
     for trained, reloaded in zip(loraxs_layers(model), loraxs_layers(loaded)):
-        torch.testing.assert_close(reloaded.delta_matrix("default"), trained.delta_matrix("default"), rtol=0.05, atol=0.02)
+        torch.testing.assert_close(
+            reloaded.delta_matrix("default"), trained.delta_matrix("default"), rtol=0.05, atol=0.02
+        )
 
 
 def test_saved_factors_on_a_different_base_warn_and_apply_unchanged(tiny_llama, tmp_path):

@@ -67,7 +67,9 @@ def test_equals_lora_with_the_shared_factor_copied_into_every_layer(tiny_llama):
 
 
 def test_low_cpu_mem_usage_load(tiny_llama, tmp_path):
-    model = get_peft_model(tiny_llama.model(), ShareLoraConfig(r=4, target_modules=tiny_llama.targets, init_weights=False))
+    model = get_peft_model(
+        tiny_llama.model(), ShareLoraConfig(r=4, target_modules=tiny_llama.targets, init_weights=False)
+    )
     inputs = tiny_llama.inputs()
     expected = tiny_llama.output(model, inputs)
     model.save_pretrained(tmp_path)

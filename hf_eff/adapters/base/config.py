@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional, Union
+from typing import ClassVar
 
 from peft import PeftConfig, PeftType
 
@@ -17,27 +17,27 @@ class LowRankConfig(PeftConfig):
     r: int = field(default=8, metadata={"help": "Rank of the low-rank update."})
     lora_alpha: float = field(default=8, metadata={"help": "The update is scaled by lora_alpha / r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input."})
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": "Module names (suffix match), a regex (full match) or 'all-linear'. Defaults to PEFT's LoRA "
             "targets for the model type (q/v projections)."
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names or regex never adapted."}
     )
     init_weights: bool = field(
         default=True,
         metadata={"help": "True: the method's init (the update starts at or near zero). False: random, for tests."},
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Only adapt these layer indices."}
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the layer list, e.g. 'layers' or 'h', used with layers_to_transform."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules trained fully and saved, e.g. a classifier head."}
     )
 

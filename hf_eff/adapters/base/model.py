@@ -132,7 +132,9 @@ def checkpoint_mismatches(
 ) -> list[str]:
     """Adapter entries whose shape differs, that the checkpoint lacks, or that this model has no place for."""
     model_state = model.state_dict()
-    adapter_keys = _filter_state_dict_by_key_prefixes(model_state, _get_tuner_state_dict_key_prefixes(model, adapter_name))
+    adapter_keys = _filter_state_dict_by_key_prefixes(
+        model_state, _get_tuner_state_dict_key_prefixes(model, adapter_name)
+    )
     problems = []
     for key, value in remapped.items():
         if key in model_state:
