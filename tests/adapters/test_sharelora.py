@@ -31,10 +31,30 @@ def test_shared_factor_is_one_tensor(tiny_llama, share):
     assert q_a is not v_a, "each projection name has its own group"
 
 
-def test_modules_of_one_name_but_different_shapes_form_separate_groups(tiny_gpt2):
+def test_groups_are_projections_across_layers_and_shapes(tiny_gpt2):
     model = get_peft_model(tiny_gpt2.model(), ShareLoraConfig(r=4, target_modules=["c_proj"]))
-    # attention c_proj is 32 -> 32, MLP c_proj is 128 -> 32
-    assert sorted(model.base_model.sharelora_shared["default"].keys()) == ["c_proj_A_128", "c_proj_A_32"]
+    # attention c_proj is 32 -> 32, MLP c_proj is 128 -> 32: two projections named alike, each shared by both layers
+    assert sorted(model.base_model.sharelora_shared["default"].keys()) == [
+        "transformer-h-attn-c_proj-A32",
+        "transformer-h-mlp-c_proj-A128",
+    ]
+
+
+def test_projections_with_one_attribute_name_and_shape_stay_apart():
+    import transformers
+
+    config = transformers.RobertaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    base = transformers.RobertaForSequenceClassification(config)
+    # both are 64/32 -> 32 and named "dense": attention.output.dense and output.dense
+    model = get_peft_model(
+        base, ShareLoraConfig(r=4, share="B", target_modules=["attention.output.dense", "output.dense"])
+    )
+    assert sorted(model.base_model.sharelora_shared["default"].keys()) == [
+        "roberta-encoder-layer-attention-output-dense-B32",
+        "roberta-encoder-layer-output-dense-B32",
+    ]
 
 
 @pytest.mark.parametrize("share", ["A", "B", "AB"])

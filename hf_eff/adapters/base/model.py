@@ -94,7 +94,7 @@ class LowRankTuner(BaseTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
-        method_kwargs = self.layer_kwargs(peft_config, adapter_name, target_name)
+        method_kwargs = self.layer_kwargs(peft_config, adapter_name, current_key)
         if isinstance(target, self.tuner_layer_cls):
             target.update_layer(adapter_name, peft_config, **method_kwargs)
             return
@@ -106,7 +106,7 @@ class LowRankTuner(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    def layer_kwargs(self, config: LowRankConfig, adapter_name: str, target_name: str) -> dict[str, Any]:
+    def layer_kwargs(self, config: LowRankConfig, adapter_name: str, module_key: str) -> dict[str, Any]:
         """Extra keyword arguments a method's layer needs from the tuner (e.g. shared tensors)."""
         return {}
 

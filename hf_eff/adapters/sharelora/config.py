@@ -12,10 +12,11 @@ SHARE_CHOICES = ("A", "B", "AB")
 
 @dataclass
 class ShareLoraConfig(LowRankConfig):
-    """LoRA with A (down), B (up) or both shared by all targeted layers of one projection name and shape.
+    """LoRA with A (down), B (up) or both shared by all targeted layers of one projection and shape.
 
-    With `share="A"` every `q_proj` uses one A and keeps its own B, every `v_proj` another A, and so on; modules of
-    one name but different shapes form separate groups. A shared tensor exists once in memory and in the checkpoint.
+    A projection is a module's path without its layer index (`model.layers.*.self_attn.q_proj`). With `share="A"`
+    every layer's `q_proj` uses one A and keeps its own B, every `v_proj` another A, and so on; modules of one
+    projection but different shapes form separate groups. A shared tensor exists once in memory and in the checkpoint.
 
     Example:
         >>> from peft import get_peft_model

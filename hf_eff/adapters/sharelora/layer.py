@@ -36,7 +36,7 @@ class ShareLoraLinear(LowRankLinear):
         ):
             if factor in config.share:
                 store = shared_store[adapter_name]
-                key = f"{group_name}_{factor}_{shape[1] if factor == 'A' else shape[0]}"
+                key = f"{group_name}-{factor}{shape[1] if factor == 'A' else shape[0]}"
                 if key not in store:
                     store[key] = self._on_base_device(init_factor(shape, factor == "A", config.init_weights))
                 self.shared_keys[adapter_name][factor] = key

@@ -15,6 +15,15 @@ from .layer import ShareLoraLinear
 _UPCAST_DTYPES = (torch.float16, torch.bfloat16)
 
 
+def projection_name(module_key: str) -> str:
+    """The projection a module plays in every layer: its path without layer indices, usable as a ParameterDict key.
+
+    "model.layers.3.self_attn.q_proj" -> "model-layers-self_attn-q_proj"; RoBERTa's "attention.output.dense" and
+    "output.dense" stay apart although both end in "dense".
+    """
+    return "-".join(part for part in module_key.split(".") if not part.isdigit())
+
+
 class ShareLoraModel(LowRankTuner):
     """Creates a ShareLoRA model; use through `peft.get_peft_model(model, ShareLoraConfig(...))`.
 
@@ -29,10 +38,10 @@ class ShareLoraModel(LowRankTuner):
     def _pre_injection_hook(self, model: nn.Module, config: ShareLoraConfig, adapter_name: str) -> None:
         self.sharelora_shared = nn.ModuleDict()
 
-    def layer_kwargs(self, config: ShareLoraConfig, adapter_name: str, target_name: str) -> dict[str, Any]:
+    def layer_kwargs(self, config: ShareLoraConfig, adapter_name: str, module_key: str) -> dict[str, Any]:
         if adapter_name not in self.sharelora_shared:
             self.sharelora_shared[adapter_name] = nn.ParameterDict()
-        return {"shared_store": self.sharelora_shared, "group_name": target_name}
+        return {"shared_store": self.sharelora_shared, "group_name": projection_name(module_key)}
 
     # PEFT sets requires_grad by visiting the injected layers; the tuner-level store needs the same treatment.
 
