@@ -1,0 +1,124 @@
+"""Natural GaLore AdamW (Das, 2024, "Natural GaLore: Accelerating GaLore for memory-efficient LLM Training and
+Fine-tuning"): GaLore with the low-rank gradient preconditioned by an empirical Fisher from recent gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .galore import GaLoreAdamW, galore_defaults, validate_galore_group
+
+
+def push_history_(history: torch.Tensor, count: int, row: torch.Tensor) -> int:
+    """Writes `row` into the ring buffer `history` (s × d) holding `count` rows so far; returns the new count.
+
+    Once full, the oldest row is overwritten (FIFO); rows are then out of chronological order, which the Gram matrix
+    G·Gᵀ does not care about.
+    """
+    history[count % history.shape[0]].copy_(row.reshape(-1))
+    return count + 1
+
+
+def woodbury_natural_gradient(grad: torch.Tensor, history: torch.Tensor, damping: float) -> torch.Tensor:
+    """(λI_d + GᵀG)⁻¹·g for a flat gradient g (d) and the history G (k × d), without forming a d×d matrix.
+
+    Woodbury with A = λI_d, U = Gᵀ, V = G: (λI_d + GᵀG)⁻¹ = (1/λ)·(I_d − Gᵀ(λI_k + G·Gᵀ)⁻¹G), so
+    (λI_d + GᵀG)⁻¹·g = (g − Gᵀ·c)/λ with c solving (λI_k + G·Gᵀ)·c = G·g, a k×k symmetric positive definite system
+    (λ > 0) solved by Cholesky. Products run in at least fp32; the k×k solve in fp64, because G·Gᵀ can be
+    ill-conditioned (its eigenvalues span ‖g‖² down to 0) against a small λ. Should Cholesky still fail, an
+    eigendecomposition with eigenvalues clamped at λ (the exact spectrum's floor) solves the system instead.
+    """
+    work_dtype = torch.promote_types(grad.dtype, torch.float32)
+    g = grad.to(work_dtype)
+    rows = history.to(work_dtype)
+    gram = (rows @ rows.mT).double()
+    system = 0.5 * (gram + gram.mT) + damping * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    rhs = (rows @ g).double().unsqueeze(-1)
+    factor, info = torch.linalg.cholesky_ex(system)
+    if int(info) == 0:
+        coefficients = torch.cholesky_solve(rhs, factor)
+    else:
+        eigenvalues, eigenvectors = torch.linalg.eigh(system)
+        coefficients = eigenvectors @ ((eigenvectors.mT @ rhs) / eigenvalues.clamp_min(damping).unsqueeze(-1))
+    return ((g - rows.mT @ coefficients.squeeze(-1).to(work_dtype)) / damping).to(grad.dtype)
+
+
+def validate_natural_galore_group(group: dict[str, Any]) -> None:
+    validate_galore_group(group)
+    history_size, damping = group["history_size"], group["damping"]
+    if not isinstance(history_size, int) or isinstance(history_size, bool) or history_size < 1:
+        raise ValueError(f"history_size must be an integer >= 1, got {history_size!r}")
+    if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not (0 < damping < float("inf")):
+        raise ValueError(f"damping must be a finite number > 0, got {damping!r}")
+
+
+class NaturalGaLoreAdamW(GaLoreAdamW):
+    """GaLore AdamW with the low-rank gradient R replaced by a natural gradient before Adam (Natural GaLore).
+
+    Per target weight, a FIFO of the last `history_size` = s flattened low-rank gradients G (s × d, d = R.numel()) is
+    kept, the current one included; R's flattening g becomes (λI + GᵀG)⁻¹·g with λ = `damping`, computed by Woodbury
+    with an s×s Cholesky solve (`woodbury_natural_gradient`); then Adam, back-projection and `scale` as in
+    `GaLoreAdamW`. When the projector is refreshed the history is emptied: its rows are coordinates in the old basis
+    and mean nothing in the new one.
+
+    Follows the brief's one-sided GaLore projection (`proj_type`, default "std"); the official code uses a two-sided
+    (Tucker) projection, available here as `proj_type="full"`. The history costs s·d floats per weight (for s = 20
+    and a one-sided projection, ten times the two Adam moments). State: GaLore's, plus `history` (s × d tensor) and
+    `history_count` (int: gradients pushed since the last refresh; rows in use = min(count, s)).
+
+    Defaults: GaLoreAdamW's, plus history_size=20, damping=1e-3. Errors and non-finite gradients as in GaLoreAdamW.
+
+    Example::
+
+        optimizer = NaturalGaLoreAdamW(
+            [{"params": matrices}, {"params": others, "target": False}], lr=1e-2, rank=128, history_size=20
+        )
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rank: int = 128,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        svd_method: str = "full",
+        svd_niter: int = 2,
+        svd_oversample: int = 8,
+        seed: int = 0,
+        history_size: int = 20,
+        damping: float = 1e-3,
+    ) -> None:
+        defaults = galore_defaults(
+            lr, betas, eps, weight_decay, rank, update_proj_gap, scale, proj_type, svd_method, svd_niter,
+            svd_oversample, seed,
+        )  # fmt: skip
+        defaults |= {"history_size": history_size, "damping": damping}
+        # GaLoreAdamW.__init__ only assembles its defaults; the extended set goes straight to torch's constructor.
+        torch.optim.Optimizer.__init__(self, params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        validate_natural_galore_group(group)
+
+    def _init_method_state(
+        self, state: dict[str, Any], low_rank_shape: tuple[int, int], param: torch.Tensor, group: dict[str, Any]
+    ) -> None:
+        size = low_rank_shape[0] * low_rank_shape[1]
+        state["history"] = torch.zeros(group["history_size"], size, dtype=param.dtype, device=param.device)
+        state["history_count"] = 0
+
+    def _on_projector_refresh(self, state: dict[str, Any]) -> None:
+        state["history_count"] = 0
+
+    def _precondition(self, low_rank_grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
+        history = state["history"]
+        state["history_count"] = push_history_(history, state["history_count"], low_rank_grad)
+        rows_in_use = history[: min(state["history_count"], history.shape[0])]
+        flat = woodbury_natural_gradient(low_rank_grad.reshape(-1), rows_in_use, group["damping"])
+        return flat.view_as(low_rank_grad)
