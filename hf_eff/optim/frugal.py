@@ -8,6 +8,14 @@ from collections.abc import Callable
 
 import torch
 
+from .checks import (
+    KeepsIntegerStateOnLoad,
+    check_adamw_hyperparameters,
+    check_gradients,
+    is_finite_number,
+    is_int,
+    require,
+)
 from .functional import adam_direction_, decoupled_weight_decay_, seeded_generator
 
 SUBSPACES = ("svd", "random", "permutation", "columns", "rows", "random_k", "blocks")
@@ -170,36 +178,20 @@ def active_blocks(num_blocks: int, density: float, refresh_index: int) -> torch.
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_hyperparameters(group: dict) -> None:
-    def fail(name: str, expected: str) -> None:
-        raise ValueError(f"FRUGAL: `{name}` must be {expected}, got {group[name]!r}")
-
-    for name in ("lr", "eps", "weight_decay", "proj_params_lr_scale", "inactive_lr_scale"):
-        if not _is_number(group[name]) or group[name] < 0:
-            fail(name, "a finite number >= 0")
-    betas = group["betas"]
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
-        fail("betas", "a pair of numbers in [0, 1)")
-    if not _is_number(group["density"]) or not 0 < group["density"] <= 1:
-        fail("density", "a number in (0, 1]")
-    if group["subspace"] not in SUBSPACES:
-        fail("subspace", f"one of {SUBSPACES}")
-    if group["state_free_rule"] not in STATE_FREE_RULES:
-        fail("state_free_rule", f"one of {STATE_FREE_RULES}")
+    check_adamw_hyperparameters(group, "FRUGAL")
+    for name in ("proj_params_lr_scale", "inactive_lr_scale"):
+        require(is_finite_number(group[name]) and group[name] >= 0, "FRUGAL", name, "a finite number >= 0", group[name])
+    density = group["density"]
+    require(is_finite_number(density) and 0 < density <= 1, "FRUGAL", "density", "a number in (0, 1]", density)
+    for name, choices in (("subspace", SUBSPACES), ("state_free_rule", STATE_FREE_RULES)):
+        require(group[name] in choices, "FRUGAL", name, f"one of {choices}", group[name])
     gap = group["update_gap"]
-    if not isinstance(gap, int) or isinstance(gap, bool) or gap <= 0:
-        fail("update_gap", "a positive integer")
-    if not isinstance(group["reset_statistics"], bool):
-        fail("reset_statistics", "a bool")
-    if not isinstance(group["target"], bool):
-        fail("target", "a bool")
+    require(is_int(gap) and gap > 0, "FRUGAL", "update_gap", "a positive integer", gap)
+    reset = group["reset_statistics"]
+    require(isinstance(reset, bool), "FRUGAL", "reset_statistics", "a bool", reset)
     seed = group["seed"]
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        fail("seed", "a non-negative integer")
+    require(is_int(seed) and seed >= 0, "FRUGAL", "seed", "a non-negative integer", seed)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -207,7 +199,7 @@ def _check_hyperparameters(group: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class FRUGAL(torch.optim.Optimizer):
+class FRUGAL(KeepsIntegerStateOnLoad, torch.optim.Optimizer):
     """FRUGAL: full-rank updates with optimizer state for a subspace only.
 
     Each target gradient G is split into its part in a subspace S and the residual G − S(G). The subspace part is
@@ -292,50 +284,13 @@ class FRUGAL(torch.optim.Optimizer):
         _check_hyperparameters({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
         super().add_param_group(param_group)
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        # torch casts every state tensor but "step" to a floating parameter's dtype; coordinate indices must stay
-        # int64 (in bf16, column 257 would become 256), so they are put back from the saved tensors.
-        saved_indices = {
-            param_id: entries["indices"] for param_id, entries in state_dict["state"].items() if "indices" in entries
-        }
-        super().load_state_dict(state_dict)
-        saved_ids = [param_id for group in state_dict["param_groups"] for param_id in group["params"]]
-        params = [param for group in self.param_groups for param in group["params"]]
-        for param_id, param in zip(saved_ids, params):
-            if param_id in saved_indices:
-                self.state[param]["indices"] = saved_indices[param_id].to(device=param.device, dtype=torch.int64)
-
-    def _check_gradients(self) -> None:
-        grads = []
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    raise RuntimeError("FRUGAL does not support sparse gradients")
-                grads.append(param.grad)
-        if not grads:
-            return
-        # One synchronization for the whole step instead of one per parameter.
-        if bool(torch.stack([torch.isfinite(g).all().to(grads[0].device) for g in grads]).all()):
-            return
-        index = 0
-        for group_index, group in enumerate(self.param_groups):
-            for position, param in enumerate(group["params"]):
-                if param.grad is not None and not bool(torch.isfinite(param.grad).all()):
-                    raise FloatingPointError(
-                        f"FRUGAL: non-finite gradient for parameter {index} (group {group_index}, position {position}, "
-                        f"shape {tuple(param.shape)}); no parameter or optimizer state was changed"
-                    )
-                index += 1
-
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_gradients()
+        check_gradients(self)
         first_index = 0
         for group in self.param_groups:
             if group["target"] and group["subspace"] == "blocks":

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
+from .checks import (
+    KeepsIntegerStateOnLoad,
+    check_adamw_hyperparameters,
+    check_gradients,
+    is_finite_number,
+    is_int,
+    require,
+)
 from .functional import adam_direction_, decoupled_weight_decay_
 from .projection import (
     PROJECTION_TYPES,
@@ -89,44 +96,20 @@ def galore_defaults(
     }
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def validate_galore_group(group: dict[str, Any]) -> None:
+def validate_galore_group(group: dict[str, Any], optimizer_name: str = "GaLoreAdamW") -> None:
     """ValueError naming the first bad hyper-parameter of a (defaults-merged) param group."""
-
-    def fail(name: str, expected: str) -> None:
-        raise ValueError(f"{name} must be {expected}, got {group[name]!r}")
-
-    for name in ("lr", "eps", "weight_decay"):
-        if not _is_real(group[name]) or group[name] < 0:
-            fail(name, "a finite number >= 0")
-    betas = group["betas"]
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_real(b) and 0 <= b < 1 for b in betas)):
-        fail("betas", "a pair of numbers in [0, 1)")
-    if not _is_int(group["rank"]) or group["rank"] <= 0:
-        fail("rank", "an integer > 0")
-    if not _is_int(group["update_proj_gap"]) or group["update_proj_gap"] <= 0:
-        fail("update_proj_gap", "an integer > 0")
-    if not _is_real(group["scale"]) or group["scale"] <= 0:
-        fail("scale", "a finite number > 0")
-    if group["proj_type"] not in PROJECTION_TYPES:
-        fail("proj_type", f"one of {PROJECTION_TYPES}")
-    if group["svd_method"] not in SVD_METHODS:
-        fail("svd_method", f"one of {SVD_METHODS}")
+    check_adamw_hyperparameters(group, optimizer_name)
+    for name in ("rank", "update_proj_gap"):
+        require(is_int(group[name]) and group[name] > 0, optimizer_name, name, "an integer > 0", group[name])
+    scale = group["scale"]
+    require(is_finite_number(scale) and scale > 0, optimizer_name, "scale", "a finite number > 0", scale)
+    for name, choices in (("proj_type", PROJECTION_TYPES), ("svd_method", SVD_METHODS)):
+        require(group[name] in choices, optimizer_name, name, f"one of {choices}", group[name])
     for name in ("svd_niter", "svd_oversample", "seed"):
-        if not _is_int(group[name]) or group[name] < 0:
-            fail(name, "an integer >= 0")
-    if not isinstance(group["target"], bool):
-        fail("target", "a bool")
+        require(is_int(group[name]) and group[name] >= 0, optimizer_name, name, "an integer >= 0", group[name])
 
 
-class GaLoreAdamW(torch.optim.Optimizer):
+class GaLoreAdamW(KeepsIntegerStateOnLoad, torch.optim.Optimizer):
     """AdamW whose moments live in a low-rank subspace of each target weight's gradient (GaLore).
 
     For a target 2-D weight with gradient G (m×n), every `update_proj_gap` steps (at steps 0, T, 2T, … counted before
@@ -148,9 +131,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
     (`seed`, parameter index, refresh count), so it is reproduced after a resume too.
 
     A rank larger than min(m, n) raises a ValueError at the first step that sees the weight, before any state changes.
-    A non-finite gradient anywhere raises a ValueError before any parameter or state is touched (the step is not
-    taken); with AMP, `GradScaler.step` already skips such steps. If the full SVD fails to converge, the randomized
-    SVD is used for that refresh (with a warning) rather than a zero or NaN projector.
+    A non-finite gradient anywhere raises a FloatingPointError naming the parameter before any parameter or state is
+    touched (the step is not taken; one host sync per device); with AMP, `GradScaler.step` already skips such steps.
+    A sparse gradient raises a RuntimeError. If the full SVD fails to converge, the randomized SVD is used for that
+    refresh (with a warning) rather than a zero or NaN projector.
 
     Defaults: lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, rank=128, update_proj_gap=200, scale=0.25,
     proj_type="std", svd_method="full" ("randomized": svd_niter=2 power iterations, svd_oversample=8 extra sketch
@@ -188,7 +172,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        validate_galore_group(group)
+        validate_galore_group(group, type(self).__name__)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Validate the group as it will be, defaults filled in, before torch stores it.
@@ -201,29 +185,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _check_before_step(self) -> None:
         """Every check that can fail, done before any parameter or state changes."""
-        finite_flags: dict[torch.device, list[torch.Tensor]] = {}
         for group in self.param_groups:
             for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    raise ValueError(f"{type(self).__name__} does not support sparse gradients")
-                if self._is_projected(group, param) and not self.state.get(param):  # .get: state is a defaultdict
+                # .get: state is a defaultdict
+                if param.grad is not None and self._is_projected(group, param) and not self.state.get(param):
                     check_rank(group["rank"], param.shape)
-                finite_flags.setdefault(param.grad.device, []).append(torch.isfinite(param.grad).all())
-        # One synchronization per device instead of one per parameter.
-        for flags in finite_flags.values():
-            if not torch.stack(flags).all():
-                bad = [
-                    tuple(p.shape)
-                    for g in self.param_groups
-                    for p in g["params"]
-                    if p.grad is not None and not torch.isfinite(p.grad).all()
-                ]
-                raise ValueError(
-                    f"non-finite gradient (inf/NaN) in parameters of shape {bad}; the step was not taken and no state "
-                    "changed (clip gradients, or let torch.amp.GradScaler skip such steps)"
-                )
+        check_gradients(self)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .checks import is_finite_number, is_int, require
 from .galore import GaLoreAdamW, galore_defaults, validate_galore_group
 
 
@@ -45,13 +46,11 @@ def woodbury_natural_gradient(grad: torch.Tensor, history: torch.Tensor, damping
     return ((g - rows.mT @ coefficients.squeeze(-1).to(work_dtype)) / damping).to(grad.dtype)
 
 
-def validate_natural_galore_group(group: dict[str, Any]) -> None:
-    validate_galore_group(group)
+def validate_natural_galore_group(group: dict[str, Any], optimizer_name: str = "NaturalGaLoreAdamW") -> None:
+    validate_galore_group(group, optimizer_name)
     history_size, damping = group["history_size"], group["damping"]
-    if not isinstance(history_size, int) or isinstance(history_size, bool) or history_size < 1:
-        raise ValueError(f"history_size must be an integer >= 1, got {history_size!r}")
-    if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not (0 < damping < float("inf")):
-        raise ValueError(f"damping must be a finite number > 0, got {damping!r}")
+    require(is_int(history_size) and history_size >= 1, optimizer_name, "history_size", "an integer >= 1", history_size)
+    require(is_finite_number(damping) and damping > 0, optimizer_name, "damping", "a finite number > 0", damping)
 
 
 class NaturalGaLoreAdamW(GaLoreAdamW):
@@ -68,7 +67,8 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
     and a one-sided projection, ten times the two Adam moments). State: GaLore's, plus `history` (s × d tensor) and
     `history_count` (int: gradients pushed since the last refresh; rows in use = min(count, s)).
 
-    Defaults: GaLoreAdamW's, plus history_size=20, damping=1e-3. Errors and non-finite gradients as in GaLoreAdamW.
+    Defaults: GaLoreAdamW's, plus history_size=20, damping=1e-3. Errors as in GaLoreAdamW: a non-finite
+    gradient raises a FloatingPointError before any parameter or state changes.
 
     Example::
 
@@ -104,7 +104,7 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
         torch.optim.Optimizer.__init__(self, params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        validate_natural_galore_group(group)
+        validate_natural_galore_group(group, type(self).__name__)
 
     def _init_method_state(
         self, state: dict[str, Any], low_rank_shape: tuple[int, int], param: torch.Tensor, group: dict[str, Any]
