@@ -6,21 +6,7 @@ from peft import PeftType
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils.peft_types import register_peft_method
 
-
-def _add_peft_type(name: str) -> PeftType:
-    """Adds `name` (upper case, value == name) to PEFT's `PeftType` enum; PEFT offers no public way to extend it."""
-    if name in PeftType.__members__:
-        return PeftType[name]
-    member = str.__new__(PeftType, name)
-    member._name_ = name
-    member._value_ = name
-    member.__objclass__ = PeftType
-    # Set the class attribute before the member maps: EnumType.__setattr__ refuses names already in the member map.
-    type.__setattr__(PeftType, name, member)
-    PeftType._member_map_[name] = member
-    PeftType._value2member_map_[name] = member
-    PeftType._member_names_.append(name)
-    return member
+from ._enum import add_enum_member
 
 
 def register_peft_methods() -> None:
@@ -28,7 +14,7 @@ def register_peft_methods() -> None:
     from hf_eff.adapters import ADAPTER_METHODS
 
     for method in ADAPTER_METHODS:
-        peft_type = _add_peft_type(method.name.upper())
+        peft_type = add_enum_member(PeftType, method.name.upper(), method.name.upper())
         if PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is method.model_cls:
             continue
         register_peft_method(
