@@ -15,6 +15,11 @@ if not torch.cuda.is_available():
 
 import transformers  # noqa: E402
 
+# `make test` runs one xdist worker per core; a second intra-op thread per worker only waits for a busy core (tiny
+# models gain nothing from it, and steps were ~100x slower on a loaded 2-core machine).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 VOCAB = 96
 
 
