@@ -50,8 +50,17 @@ def check_adamw_hyperparameters(group: dict[str, Any], optimizer_name: str) -> N
     require(isinstance(group["target"], bool), optimizer_name, "target", "a bool", group["target"])
 
 
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return False
+    return isinstance(tensor, DTensor)
+
+
 def check_gradients(optimizer: torch.optim.Optimizer) -> None:
-    """Refuses sparse (RuntimeError) and non-finite (FloatingPointError) gradients before a step changes anything.
+    """Refuses sparse (RuntimeError), sharded (NotImplementedError) and non-finite (FloatingPointError) gradients
+    before a step changes anything.
 
     The finiteness test costs one host synchronization per device; only when it fails are the parameters searched,
     so that the error names the first offending one by its index across all groups (parameters without a gradient
@@ -65,6 +74,13 @@ def check_gradients(optimizer: torch.optim.Optimizer) -> None:
                 continue
             if param.grad.is_sparse:
                 raise RuntimeError(f"{name} does not support sparse gradients (use dense ones, e.g. no sparse=True)")
+            if _is_dtensor(param):
+                # A projection or mask built from one shard would silently be wrong: refuse, before any state exists.
+                raise NotImplementedError(
+                    f"{name} got a DTensor (FSDP2 / tensor-parallel sharded) parameter of global shape "
+                    f"{tuple(param.shape)}; hf_eff's optimizers need full gradients. Use DDP, or FSDP with "
+                    "use_orig_params and no sharding of the targeted weights."
+                )
             finite_flags.setdefault(param.grad.device, []).append(torch.isfinite(param.grad).all())
     if all(bool(torch.stack(flags).all()) for flags in finite_flags.values()):
         return
