@@ -67,7 +67,7 @@ def check_gradients(optimizer: torch.optim.Optimizer) -> None:
     counted too) and its shape.
     """
     name = type(optimizer).__name__
-    finite_flags: dict[torch.device, list[torch.Tensor]] = {}
+    finite_flags: dict[torch.device, list[torch.Tensor]] = {}  # per device: each gradient's min and max
     for group in optimizer.param_groups:
         for param in group["params"]:
             if param.grad is None:
@@ -81,8 +81,10 @@ def check_gradients(optimizer: torch.optim.Optimizer) -> None:
                     f"{tuple(param.shape)}; hf_eff's optimizers need full gradients. Use DDP, or FSDP with "
                     "use_orig_params and no sharding of the targeted weights."
                 )
-            finite_flags.setdefault(param.grad.device, []).append(torch.isfinite(param.grad).all())
-    if all(bool(torch.stack(flags).all()) for flags in finite_flags.values()):
+            if param.grad.numel():
+                # min and max carry any nan/inf, in one reduction and without isfinite's full-size boolean tensor
+                finite_flags.setdefault(param.grad.device, []).extend(torch.aminmax(param.grad))
+    if all(bool(torch.isfinite(torch.stack(extremes)).all()) for extremes in finite_flags.values()):
         return
     index = -1
     for group_index, group in enumerate(optimizer.param_groups):

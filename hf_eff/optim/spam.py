@@ -66,16 +66,15 @@ def update_scale(step: int, interval: int, warmup_steps: int, start: float) -> f
     return cosine_warmup_scale(step % interval, warmup_steps, start)
 
 
-def spike_clip_(grad: torch.Tensor, exp_avg_sq: torch.Tensor, threshold: float) -> int:
+def spike_clip_(grad: torch.Tensor, exp_avg_sq: torch.Tensor, threshold: float) -> torch.Tensor:
     """Where g² > θ·v (v = second moment before this step's update), sets g := sign(g)·√(θ·v), in place.
 
-    Returns the number of clipped entries. Entries at or below the threshold are left bit-identical.
+    That is a clamp of g to ±√(θ·v). Returns the number of clipped entries as a 0-d tensor, so that the step needs no
+    host synchronization; entries within the limit are left bit-identical.
     """
-    limit_sq = exp_avg_sq * threshold
-    spikes = grad.square() > limit_sq
-    count = int(spikes.sum())
-    if count:
-        grad.copy_(torch.where(spikes, grad.sign() * limit_sq.sqrt(), grad))
+    limit = exp_avg_sq.mul(threshold).sqrt_()
+    count = (grad.abs() > limit).sum()
+    grad.clamp_(min=-limit, max=limit)
     return count
 
 
@@ -238,7 +237,7 @@ class SPAM(KeepsIntegerStateOnLoad, torch.optim.Optimizer):
     - **Spike-aware clipping**: where g² > spike_threshold·v_{t−1}, g := sign(g)·√(spike_threshold·v_{t−1}); other
       entries untouched. Paused while t mod reset_interval < clip_pause (v is near zero there), i.e. for the
       `clip_pause` steps that start at each reset and for steps 1 … clip_pause − 1. `spike_threshold=math.inf`
-      disables it. `state["clipped"]` holds the number of entries clipped at the parameter's last step.
+      disables it. `state["clipped"]` holds the number of entries clipped at the parameter's last step (a 0-d tensor).
     - **Warmup**: the Adam update is multiplied by warmup_start + (1 − warmup_start)·(1 − cos(π·s/warmup_steps))/2,
       s = t mod reset_interval, for s < warmup_steps after each reset (1 otherwise, and 1 before the first reset as
       in the official code). The official code divides by warmup_steps + 1 and jumps to 1 at s = warmup_steps; this
