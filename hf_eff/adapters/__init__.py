@@ -24,7 +24,12 @@ class AdapterMethod:
 
 
 ADAPTER_METHODS = (
-    AdapterMethod("sharelora", ShareLoraConfig, ShareLoraModel, "ShareLoRA: shared low-rank factors across layers"),
+    AdapterMethod(
+        "sharelora",
+        ShareLoraConfig,
+        ShareLoraModel,
+        "ShareLoRA: Parameter Efficient and Robust Large Language Model Fine-tuning via Shared Low-Rank Adaptation",
+    ),
     AdapterMethod(
         "loraxs", LoraXSConfig, LoraXSModel, "LoRA-XS: Low-Rank Adaptation with Extremely Small Number of Parameters"
     ),

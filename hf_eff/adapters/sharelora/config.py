@@ -1,4 +1,4 @@
-"""Configuration of ShareLoRA (paper "ShareLoRA": shared low-rank factors across layers)."""
+"""Configuration of ShareLoRA (paper "ShareLoRA: … via Shared Low-Rank Adaptation"): factors shared across layers."""
 
 from __future__ import annotations
 
