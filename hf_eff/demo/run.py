@@ -55,7 +55,7 @@ def run_demo(settings: DemoSettings) -> DemoResults:
         settings={
             "steps": steps,
             "batch_size": batch_size,
-            "eval_size": eval_size,
+            "eval_size": len(eval_examples),
             "max_length": task.max_length,
             "target_modules": list(task.target_modules),
             "head_learning_rate": task.learning_rate if task.modules_to_save else None,
