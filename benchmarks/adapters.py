@@ -13,6 +13,7 @@ import peft
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from tables import render
 from transformers import LlamaConfig, LlamaForCausalLM, RobertaConfig, RobertaForSequenceClassification
 
 import hf_eff  # importing it registers the adapters with PEFT
@@ -290,23 +291,6 @@ def fmt_ratio(reference: dict, count: dict, key: str) -> str:
     if "error" in reference or "error" in count:
         return "—"
     return f"{reference[key] / count[key]:,.2f}"
-
-
-def render(title: str, headers: list[str], rows: list[list[str]], notes: list[str], markdown: bool) -> str:
-    """A table as Markdown or as aligned text, first column left-aligned and the others right-aligned."""
-    if markdown:
-        lines = [f"### {title}", "", "| " + " | ".join(headers) + " |"]
-        lines.append("|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|")
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        lines += [""] + [f"- {note}" for note in notes]
-        return "\n".join(lines) + "\n"
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    body = [title, line(headers), "  ".join("-" * w for w in widths)] + [line(row) for row in rows]
-    return "\n".join(body + [f"  * {note}" for note in notes]) + "\n"
 
 
 def error_notes(counts: dict) -> list[str]:

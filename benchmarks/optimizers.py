@@ -14,6 +14,7 @@ import warnings
 
 import torch
 import transformers
+from tables import render
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_eff
@@ -661,23 +662,6 @@ def table_pretrain(args: argparse.Namespace) -> str:
 
 
 # --- output ---------------------------------------------------------------------------------------------------------
-
-
-def render(title: str, headers: list[str], rows: list[list[str]], notes: list[str], markdown: bool) -> str:
-    """A table as Markdown or as aligned text, first column left-aligned and the others right-aligned."""
-    if markdown:
-        lines = [f"### {title}", "", "| " + " | ".join(headers) + " |"]
-        lines.append("|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|")
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        lines += [""] + [f"- {note}" for note in notes]
-        return "\n".join(lines) + "\n"
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    body = [title, line(headers), "  ".join("-" * w for w in widths)] + [line(row) for row in rows]
-    return "\n".join(body + [f"  * {note}" for note in notes]) + "\n"
 
 
 # --- main -----------------------------------------------------------------------------------------------------------
