@@ -43,13 +43,7 @@ from hf_eff.diffusion.distill.functional import (
 SHAPE = (4, 1, 8, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny UNets gain nothing from intra-op threads, and on a shared 2-core machine they made steps ~15x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 def tiny_unet(seed: int = 0) -> UNet2DModel:

@@ -22,14 +22,7 @@ from hf_eff.optim.quantization import (
     zero_state,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: a second intra-op thread only waits for a busy core on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 def wide_range_values(numel: int, signed: bool, dtype=torch.float32) -> torch.Tensor:

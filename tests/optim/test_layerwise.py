@@ -22,13 +22,7 @@ HYPERPARAMETERS = {
 WINDOWS = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread only waits for a busy core on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 def micro_batches(windows: int, accumulation: int) -> torch.Tensor:

@@ -21,13 +21,7 @@ from hf_eff.quantization import (
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models gain nothing from a second intra-op thread; on a busy 2-core machine it only waits for a core
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 def _trained_layer(symmetric: bool, backend: str, seed: int = 0) -> L4QLinear:

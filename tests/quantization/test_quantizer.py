@@ -24,14 +24,7 @@ from hf_eff.quantization import (
     register_quantizer,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models gain nothing from a second intra-op thread; on a busy 2-core machine it only waits for a core
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 def _perturb_quantizers(model, seed=0):
