@@ -8,28 +8,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
 import torch
 from scipy.optimize import linear_sum_assignment
-from tables import render
+from tables import cpu_name, render
 
 from hf_eff.diffusion import immiscible_noise
 
 BATCHES = (64, 256, 1024)
 SHAPES = {"3×32×32": (3, 32, 32), "4×64×64": (4, 64, 64)}
 KNN_K = 8
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    except OSError:
-        names = []
-    return names[0] if names else platform.processor() or platform.machine()
 
 
 def median_ms(function, repeats: int) -> float:

@@ -1,6 +1,8 @@
-"""Benchmark tables printed as aligned text or as Markdown ready for RESULTS.md."""
+"""Benchmark tables printed as aligned text or as Markdown ready for RESULTS.md, and the CPU name their notes cite."""
 
 from __future__ import annotations
+
+import platform
 
 
 def render(title: str, headers: list[str], rows: list[list[str]], notes: list[str], markdown: bool) -> str:
@@ -18,3 +20,13 @@ def render(title: str, headers: list[str], rows: list[list[str]], notes: list[st
 
     body = [title, line(headers), "  ".join("-" * w for w in widths)] + [line(row) for row in rows]
     return "\n".join(body + [f"  * {note}" for note in notes]) + "\n"
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
