@@ -96,6 +96,11 @@ COMPONENTS: list[Component] = [
         "Self-NPO: Negative Preference Optimization of Diffusion Models by Simply Learning from Itself",
     ),
     Component(
+        "TRL trainer",
+        "GRPOTrainer / GRPOConfig(prefix_grouping='auto')",
+        "Prefix Grouper: Efficient GRPO Training through Shared-Prefix Forward",
+    ),
+    Component(
         "DPO loss (TRL)",
         "DPOConfig(loss_type='dpop')",
         "Smaug: Fixing Failure Modes of Preference Optimisation with DPO-Positive",
