@@ -25,6 +25,7 @@ def _numbers(value):
         yield value
 
 
+@pytest.mark.usefixtures("one_thread")  # the suite runs 2 workers on 2 cores; see tests/conftest.py
 def test_demo_compares_every_method(tmp_path, capsys):
     try:
         assets.minilm_path()
