@@ -629,6 +629,28 @@ def test_false_is_the_stock_trainer_and_generation_is_untouched(tokenizer, tmp_p
     assert "prefix_grouping/grouped_fraction" not in trainer._metrics["train"]
 
 
+@pytest.mark.parametrize("mode", [True, False])
+def test_each_pass_is_profiled_once_under_trl_names(tokenizer, tmp_path, mode):
+    from trl.extras.profiling import ProfilingContext
+
+    trainer = _trainer(tokenizer, tmp_path, prefix_grouping=mode)
+    input_ids, attention_mask, width = _handmade_batch()
+    names = []
+    record = ProfilingContext._log_metrics
+
+    def recording(context, duration):
+        names.append(context.name)
+        return record(context, duration)
+
+    ProfilingContext._log_metrics = recording  # observes TRL's real profiling; nothing is replaced
+    try:
+        with torch.no_grad():
+            trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask, width)
+    finally:
+        ProfilingContext._log_metrics = record
+    assert names == ["GRPOTrainer._get_per_token_logps_and_entropies"]
+
+
 # --- data parallel -------------------------------------------------------------------------------------------------
 
 
