@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
+
+from hf_eff.lazy import lazy_exports
 
 
 def _is_missing(name: str) -> bool:
@@ -39,15 +40,4 @@ _ATTRIBUTE_MODULES = {
 
 __all__ = sorted(_ATTRIBUTE_MODULES)
 
-
-def __getattr__(name: str):
-    module_name = _ATTRIBUTE_MODULES.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'hf_eff.diffusion' has no attribute '{name}'")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _ATTRIBUTE_MODULES)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+from hf_eff.lazy import lazy_exports
 
 # Each name is imported from its module on first access, so `import hf_eff.trainers` stays cheap and a missing `trl`
 # is reported by the module that needs it.
@@ -16,15 +16,4 @@ _ATTRIBUTE_MODULES = {
 
 __all__ = sorted(_ATTRIBUTE_MODULES)
 
-
-def __getattr__(name: str):
-    module_name = _ATTRIBUTE_MODULES.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'hf_eff.trainers' has no attribute '{name}'")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _ATTRIBUTE_MODULES)
