@@ -67,6 +67,13 @@ class PrefixGroupedBackend:
 
 
 _BACKENDS: dict[str, PrefixGroupedBackend] = {}
+# Most preferred first; rebuilt on (un)registration so the per-layer lookup does not sort.
+_ORDERED_BACKENDS: tuple[PrefixGroupedBackend, ...] = ()
+
+
+def _reorder_backends() -> None:
+    global _ORDERED_BACKENDS
+    _ORDERED_BACKENDS = tuple(sorted(_BACKENDS.values(), key=lambda backend: -backend.priority))
 
 
 def register_prefix_grouped_backend(
@@ -83,6 +90,7 @@ def register_prefix_grouped_backend(
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise TypeError(f"register_prefix_grouped_backend: `priority` must be an int, got {priority!r}")
     _BACKENDS[name] = PrefixGroupedBackend(name, compute, accepts, priority)
+    _reorder_backends()
 
 
 def unregister_prefix_grouped_backend(name: str) -> None:
@@ -92,15 +100,16 @@ def unregister_prefix_grouped_backend(name: str) -> None:
     if name not in _BACKENDS:
         raise KeyError(f"unregister_prefix_grouped_backend: no backend named {name!r}; registered: {sorted(_BACKENDS)}")
     del _BACKENDS[name]
+    _reorder_backends()
 
 
 def prefix_grouped_backends() -> list[str]:
     """Registered backend names, most preferred first."""
-    return [backend.name for backend in sorted(_BACKENDS.values(), key=lambda b: -b.priority)]
+    return [backend.name for backend in _ORDERED_BACKENDS]
 
 
 def select_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> PrefixGroupedBackend:
-    for backend in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
+    for backend in _ORDERED_BACKENDS:
         if backend.accepts(query, key, value):
             return backend
     raise RuntimeError("no prefix-grouped attention backend accepts these inputs")  # "sdpa" accepts everything
