@@ -86,6 +86,19 @@ def _forward_blocks(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_padding, mask, segment
 
 
 @triton.jit
+def _key_range(start_m, kv_len, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               IS_CAUSAL: tl.constexpr):
+    """Keys of a query block: [0, full) seen in full by every row (no causal or bounds test), [full, hi) tested."""
+    if IS_CAUSAL:
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), kv_len)
+        full = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0), kv_len)
+    else:
+        hi = kv_len
+        full = kv_len
+    return (full // BLOCK_N) * BLOCK_N, hi
+
+
+@triton.jit
 def _forward_kernel(Q, K, V, Out, Lse, KeyPadding, Mask,
                     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                     stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
@@ -112,14 +125,7 @@ def _forward_kernel(Q, K, V, Out, Lse, KeyPadding, Mask,
     key_padding = KeyPadding + batch * stride_pb
     mask = Mask + batch * stride_mb + head * stride_mh
 
-    if IS_CAUSAL:
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), kv_len)
-        full = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0), kv_len)
-    else:
-        hi = kv_len
-        full = kv_len
-    # key blocks every row of this query block sees in full need no causal or bounds test
-    full = (full // BLOCK_N) * BLOCK_N
+    full, hi = _key_range(start_m, kv_len, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -298,13 +304,7 @@ def _dq_kernel(Q, K, V, DO, DQ, Lse, Delta, KeyPadding, Mask,
     key_padding = KeyPadding + batch * stride_pb
     mask = Mask + batch * stride_mb + head * stride_mh
 
-    if IS_CAUSAL:
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), kv_len)
-        full = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0), kv_len)
-    else:
-        hi = kv_len
-        full = kv_len
-    full = (full // BLOCK_N) * BLOCK_N
+    full, hi = _key_range(start_m, kv_len, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, key_padding, mask, Lse, 0, offs_m, offs_n, offs_d, 0, full,
