@@ -258,6 +258,8 @@ def _worker(output_dir: Path) -> None:
             results[key] = str(error)
 
     torch.save(results, output_dir / f"rank{rank}.pt")
+    # Torn down together: a rank that exits while the other still finishes a collective can abort.
+    dist.barrier()
     dist.destroy_process_group()
 
 

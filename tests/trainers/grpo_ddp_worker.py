@@ -77,6 +77,9 @@ def main() -> None:
             },
             output / "result.pt",
         )
+    # Torn down together: a rank that exits while the other still finishes a collective can abort.
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":
