@@ -56,44 +56,33 @@ def tokenizer():
     )
 
 
-def _gemma() -> torch.nn.Module:
-    config = transformers.GemmaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-    )  # fmt: skip
-    return transformers.GemmaForCausalLM(config)
+# Tiny decoders of the families the grouped path supports (and Gemma2, which it refuses), one shape for all.
+TINY_DECODER = {
+    "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 64,
+}  # fmt: skip
+
+
+def _tiny_decoder(family: str, **overrides) -> torch.nn.Module:
+    config_class = getattr(transformers, f"{family}Config")
+    model_class = getattr(transformers, f"{family}ForCausalLM")
+    return model_class(config_class(**{**TINY_DECODER, **overrides}))
 
 
 def _gemma2() -> torch.nn.Module:  # soft-caps attention logits: cannot be grouped
-    config = transformers.Gemma2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-    )  # fmt: skip
-    return transformers.Gemma2ForCausalLM(config)
+    return _tiny_decoder("Gemma2")
 
 
 def _mistral() -> torch.nn.Module:
-    config = transformers.MistralConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, max_position_embeddings=64, sliding_window=32,
-    )  # fmt: skip
-    return transformers.MistralForCausalLM(config)
-
-
-def _qwen3() -> torch.nn.Module:
-    config = transformers.Qwen3Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-    )  # fmt: skip
-    return transformers.Qwen3ForCausalLM(config)
+    return _tiny_decoder("Mistral", num_key_value_heads=1, sliding_window=32)
 
 
 FAMILIES = {
     "llama": TINY_MODELS["llama"].build,
     "qwen2": TINY_MODELS["qwen2"].build,
-    "qwen3": _qwen3,
+    "qwen3": lambda: _tiny_decoder("Qwen3"),
     "mistral": _mistral,
-    "gemma": _gemma,
+    "gemma": lambda: _tiny_decoder("Gemma"),
 }
 
 
